@@ -1,0 +1,192 @@
+"""Perplexity of a checkpoint on a text, the way quantization papers report it.
+
+Protocol ("GPTQ-style"): tokenize the whole text with the tokenizer's default special tokens, cut
+the ids into non-overlapping windows of ``seqlen`` tokens, drop the remainder, and report
+exp(mean next-token negative log-likelihood) over every predicted position of every window.
+Perplexities at different ``seqlen`` are not comparable, so the token count and ``seqlen`` are
+always printed with the number.
+
+    python eval.py --ckpt smollm2-135m --text wikitext2 --seqlen 2048
+"""
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import (DEFAULT_CHECKPOINT, REPO_DIR, UserError, load_config, load_model, load_tokenizer,
+                   resolve_checkpoint)
+
+log = logging.getLogger("fptquant")
+
+DATA_DIR = REPO_DIR / "data"
+TEXTS = {
+    "wikitext2": "wikitext-2-raw-test.txt",
+    "prideprejudice": "austen_prideprejudice.txt",
+    "emma": "austen_emma.txt",
+    "sensesensibility": "austen_sensesensibility.txt",
+    "persuasion": "austen_persuasion.txt",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_text(name_or_path: str) -> str:
+    """Return the contents of a named text in ``data/`` or of a UTF-8 file."""
+    path = DATA_DIR / TEXTS[name_or_path] if name_or_path in TEXTS else Path(name_or_path)
+    if not path.is_file():
+        raise UserError(f"text {name_or_path!r} not found: give a path to a UTF-8 file or one of "
+                        f"{', '.join(TEXTS)}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not valid UTF-8 ({err}); convert it to UTF-8 first")
+
+
+def tokenize_text(tokenizer, name_or_path: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Return the token ids (1-D int64) of a whole text, optionally only the first ``max_tokens``."""
+    ids = torch.tensor(tokenizer.encode(read_text(name_or_path)).ids, dtype=torch.long)
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+class Progress:
+    """Log ``done/total`` with rate and ETA at most every ``every`` seconds."""
+
+    def __init__(self, label: str, total: int, unit: str = "it", every: float = 10.0):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, extra: str = "") -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        log.info("%s %d/%d %s, %.1f %s/s, ETA %s%s", self.label, done, self.total, self.unit,
+                 rate, self.unit, format_seconds(eta), f", {extra}" if extra else "")
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seqlen: int, label: str = "perplexity") -> dict:
+    """Return {"ppl", "tokens", "seqlen"} for ids cut into non-overlapping windows of seqlen."""
+    windows = ids.numel() // seqlen
+    if windows == 0:
+        raise UserError(f"the text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
+                        "use a longer text or a smaller --seqlen")
+    device = next(model.parameters()).device
+    batches = ids[: windows * seqlen].view(windows, seqlen)
+    progress = Progress(label, windows * seqlen, unit="tokens")
+    nll_sum = 0.0
+    for i, window in enumerate(batches):
+        window = window.unsqueeze(0).to(device)                         # (1, T)
+        logits = model(window)[0, :-1].float()                          # (T-1, V)
+        nll_sum += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+        progress.update((i + 1) * seqlen)
+    mean_nll = nll_sum / (windows * (seqlen - 1))
+    return {"ppl": math.exp(mean_nll), "tokens": windows * seqlen, "seqlen": seqlen}
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+
+
+def run_cli(main) -> None:
+    """Run ``main()``, turning a UserError into a one-line message and exit status 2."""
+    setup_logging()
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that choose and load a checkpoint (shared by eval.py and train.py)."""
+    parser.add_argument("--ckpt", default=DEFAULT_CHECKPOINT,
+                        help="Hugging Face folder, or NAME for checkpoints/NAME/ "
+                             f"(default {DEFAULT_CHECKPOINT}, fetched on first use)")
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
+
+
+def compute_dtype(args) -> torch.dtype:
+    if args.dtype is not None:
+        return DTYPES[args.dtype]
+    return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} requested, but torch sees no CUDA device; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+
+
+def check_seqlen(ckpt: str, seqlen: int) -> None:
+    context = load_config(resolve_checkpoint(ckpt)).max_position_embeddings
+    if seqlen > context:
+        raise UserError(f"--seqlen {seqlen} is longer than the model's context ({context} tokens)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    parser.add_argument("--text", nargs="+", default=["wikitext2"],
+                        help=f"texts to evaluate: names ({', '.join(TEXTS)}) or paths to UTF-8 files")
+    parser.add_argument("--max-tokens", type=positive_int, default=None, help="use only the first N tokens")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per text on stdout")
+    args = parser.parse_args()
+
+    check_device(args.device)
+    check_seqlen(args.ckpt, args.seqlen)
+    tokenizer = load_tokenizer(args.ckpt)
+    texts = {name: tokenize_text(tokenizer, name, args.max_tokens) for name in args.text}
+    for name, ids in texts.items():
+        if ids.numel() < args.seqlen:
+            raise UserError(f"text {name!r} has {ids.numel()} tokens, fewer than one window of "
+                            f"--seqlen {args.seqlen}; use a longer text or a smaller --seqlen")
+
+    model = load_model(args.ckpt, compute_dtype(args), args.device)
+    for name, ids in texts.items():
+        start = time.perf_counter()
+        result = perplexity(model, ids, args.seqlen, label=f"{name}:")
+        seconds = time.perf_counter() - start
+        if args.json:
+            print(json.dumps({"text": name, **result, "seconds": round(seconds, 1)}))
+        else:
+            print(f"{name}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens "
+                  f"at seqlen {result['seqlen']} ({seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
