@@ -12,8 +12,10 @@ from model import (Llama, apply_rope, hf_name, load_model, rope_cos_sin, rope_in
 
 
 def write_tokenizer(folder):
-    from tokenizers import Tokenizer, models
-    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
 
 
 def test_rope_matches_complex_reference():
