@@ -129,11 +129,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def rms(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
+    def rms(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Return rms(x), shape (..., 1); computed in float32 at least.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x / self.rms(x))
+        When the residual is carried as x / scale (S_n), eps / scale^2 takes the place of eps, so
+        that rms(x / scale) = rms(x) / scale holds exactly.
+        """
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        eps = self.eps if scale is None else self.eps / scale.to(wide.dtype).square()
+        return torch.sqrt(wide.pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return self.weight * (x / self.rms(x, scale))
 
 
 class Linear(nn.Linear):
@@ -288,20 +295,21 @@ class Block(nn.Module):
         With dynamic scaling S_n the residual is carried as z = x / c with a per-token scalar c
         (c = 1 at the embedding). For each sub-block: rho = rms(z), y = z / rho, c <- c * rho
         (= rms(x)), z <- y + F(g * y) / c. By induction z = x / c, so the final norm sees the same
-        direction and the logits are unchanged up to the norm's epsilon. Since F ends in a
-        bias-free linear, the division by c is applied to that linear's input (o_proj, down_proj),
-        which keeps tokens with a huge residual norm from stretching their static ranges.
+        direction and the logits are unchanged (``RMSNorm.rms`` rescales eps to keep this exact).
+        Since F ends in a bias-free linear, the division by c is applied to that linear's input
+        (o_proj, down_proj), which keeps tokens with a huge residual norm from stretching their
+        static ranges.
         """
         if residual_scale is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin)
             return x + self.mlp(self.post_attention_layernorm(x)), None
 
-        rho = self.input_layernorm.rms(x)                      # (B, T, 1)
+        rho = self.input_layernorm.rms(x, residual_scale)     # (B, T, 1)
         y = x / rho
         residual_scale = residual_scale * rho
         x = y + self.self_attn(self.input_layernorm.weight * y, cos, sin, o_input_scale=1 / residual_scale)
 
-        rho = self.post_attention_layernorm.rms(x)
+        rho = self.post_attention_layernorm.rms(x, residual_scale)
         y = x / rho
         residual_scale = residual_scale * rho
         x = y + self.mlp(self.post_attention_layernorm.weight * y, down_input_scale=1 / residual_scale)
@@ -326,7 +334,7 @@ class Llama(nn.Module):
         scale = torch.ones_like(x[..., :1]) if self.dynamic_scaling else None  # (B, T, 1)
         for layer in self.layers:
             x, scale = layer(x, cos, sin, scale)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x, scale))
 
 
 # ----------------------------------------------------------------------------------------------
