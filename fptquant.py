@@ -16,11 +16,13 @@ Sections of this file:
 - Folding and merging: RMSNorm gain folding, and merging the trained transforms into the weights.
 """
 
+import copy
 import logging
 import math
 import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -885,3 +887,143 @@ def attach_online_parts(model, parts: dict) -> None:
             raise ValueError(f"config names Hadamard block {block}, but this model's is "
                              f"{layer.mlp.down_input_transform.block}")
     model.dynamic_scaling = bool(parts.get("dynamic_scaling"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantized model: quantizers in every slot, range calibration, training forward, export
+
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+METHODS = {  # the transforms each method enables
+    "rtn": (),
+    "rotation": ("rotation", "hadamard"),
+    "fptquant": TRANSFORM_NAMES,
+}
+
+
+def attach_quantizers(model, qconfig: QuantConfig) -> None:
+    """Put a fake quantizer into every quantized slot, as the configuration's bit widths ask.
+
+    Quantized: the weight of every block linear (symmetric, per output channel), the inputs of
+    q/k/v (one shared quantizer), o_proj, gate/up (shared) and down_proj (asymmetric, per
+    tensor, static), and the keys after RoPE and the values (static, per tensor). The embedding
+    and the output head stay in floating point.
+    """
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in BLOCK_LINEARS:
+            linear = layer.get_submodule(name)
+            linear.weight_quantizer = weight_quantizer(qconfig.weight_bits, linear.out_features)
+        attn.input_quantizer = activation_quantizer(qconfig.act_bits)
+        attn.o_input_quantizer = activation_quantizer(qconfig.act_bits)
+        mlp.input_quantizer = activation_quantizer(qconfig.act_bits)
+        mlp.down_input_quantizer = activation_quantizer(qconfig.act_bits)
+        attn.key_quantizer = kv_quantizer(qconfig.kv_bits)
+        attn.value_quantizer = kv_quantizer(qconfig.kv_bits)
+
+
+def named_quantizers(model, weights: bool) -> dict[str, Quantizer]:
+    """Return the weight quantizers (weights=True) or the activation and KV quantizers by name."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, Quantizer) and name.endswith("weight_quantizer") == weights}
+
+
+class QuantizedModel(nn.Module):
+    """A norm-folded Llama with quantizers, trained through its transforms.
+
+    Before ``merge`` the forward computes every weight from the original weights and the current
+    transform parameters (``Transforms.merged_weights``), so the weight quantizers and the
+    activation quantizers see exactly the tensors of the merged model, and gradients reach the
+    transform parameters. The original weights are frozen.
+    """
+
+    def __init__(self, teacher, qconfig: QuantConfig, enabled=TRANSFORM_NAMES, seed: int = 0):
+        super().__init__()
+        self.qconfig = qconfig
+        self.model = copy.deepcopy(teacher)
+        fold_norms(self.model)
+        self.model.requires_grad_(False)
+        self.transforms = Transforms(self.model.config, enabled, seed).to(next(teacher.parameters()).device)
+        attach_online_parts(self.model, self.transforms.online_parts())
+        attach_quantizers(self.model, qconfig)
+        self.merged = False
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        base = {name: param for name, param in self.model.named_parameters() if "quantizer" not in name}
+        return self.transforms.merged_weights(base)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.model(tokens)
+        return torch.func.functional_call(self.model, self.weights(), (tokens,))
+
+    @torch.no_grad()
+    def init_weight_ranges(self, method: str = "search", p: float = 2.4) -> None:
+        weights = self.model.state_dict() if self.merged else self.weights()
+        for name, quantizer in named_quantizers(self.model, weights=True).items():
+            quantizer.init_from_tensor(weights[name.removesuffix("weight_quantizer") + "weight"], method, p)
+
+    @torch.no_grad()
+    def calibrate(self, batches: torch.Tensor, method: str = "search", p: float = 2.4,
+                  progress=None) -> None:
+        """Initialise every range: weights from the weights, activations and KV from ``batches``."""
+        self.init_weight_ranges(method, p)
+        quantizers = named_quantizers(self.model, weights=False).values()
+        for quantizer in quantizers:
+            quantizer.reset_observations()
+            quantizer.observing = True
+        for i, batch in enumerate(batches):
+            self(batch[None])
+            if progress is not None:
+                progress.update(i + 1)
+        for quantizer in quantizers:
+            quantizer.observing = False
+            quantizer.init_range(method, p)
+
+    def merge(self) -> None:
+        """Fold the trained transforms into the weights; the forward then runs the plain slots."""
+        merge(self.model, self.transforms)
+        self.model.config.fptquant["quantization"] = {"config": self.qconfig.name, "file": QUANTIZED_FILE}
+        self.merged = True
+
+
+QUANTIZED_FILE = "quantized.safetensors"
+
+
+@torch.no_grad()
+def export_quantized(model) -> dict[str, torch.Tensor]:
+    """Return the integer weights, weight scales and static activation/KV ranges of a merged model.
+
+    Names: ``<linear>.weight_int`` (int8 values on the signed grid) and ``<linear>.weight_scale``
+    (out, 1); ``<quantizer>.scale`` and ``<quantizer>.zero_point`` for activations and KV.
+    """
+    tensors = {}
+    for name, quantizer in named_quantizers(model, weights=True).items():
+        linear = name.removesuffix(".weight_quantizer")
+        codes, scale, _ = quantizer.quantize_to_int(model.get_submodule(linear).weight)
+        tensors[f"{linear}.weight_int"] = codes.cpu().contiguous()
+        tensors[f"{linear}.weight_scale"] = scale.float().cpu().contiguous()
+    for name, quantizer in named_quantizers(model, weights=False).items():
+        tensors[f"{name}.scale"] = quantizer.scale.detach().float().cpu().reshape(())
+        tensors[f"{name}.zero_point"] = quantizer.zero_point.detach().round().float().cpu().reshape(())
+    return tensors
+
+
+def load_quantizers(model, folder) -> QuantConfig:
+    """Attach the fake quantizers that a merged checkpoint's quantized export describes."""
+    from safetensors.torch import load_file
+
+    info = model.config.fptquant["quantization"]
+    qconfig = QuantConfig.from_name(info["config"])
+    attach_quantizers(model, qconfig)
+    tensors = load_file(str(Path(folder) / info["file"]))
+    with torch.no_grad():
+        for name, quantizer in named_quantizers(model, weights=True).items():
+            scale = tensors[name.removesuffix(".weight_quantizer") + ".weight_scale"]
+            quantizer.scale.copy_(scale.reshape(quantizer.scale.shape))
+            quantizer.initialized = True
+        for name, quantizer in named_quantizers(model, weights=False).items():
+            quantizer.scale.copy_(tensors[f"{name}.scale"])
+            quantizer.zero_point.copy_(tensors[f"{name}.zero_point"])
+            quantizer.initialized = True
+    return qconfig
