@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fptquant import METHODS, QuantConfig, QuantizedModel, load_quantizers
 from model import (DEFAULT_CHECKPOINT, REPO_DIR, UserError, load_config, load_model, load_tokenizer,
                    resolve_checkpoint)
 
@@ -48,10 +49,35 @@ def read_text(name_or_path: str) -> str:
         raise UserError(f"{path} is not valid UTF-8 ({err}); convert it to UTF-8 first")
 
 
+CALIBRATION_TEXTS = ("prideprejudice", "emma", "sensesensibility")
+EVALUATION_ONLY = ("wikitext2", "persuasion")
+
+
 def tokenize_text(tokenizer, name_or_path: str, max_tokens: int | None = None) -> torch.Tensor:
     """Return the token ids (1-D int64) of a whole text, optionally only the first ``max_tokens``."""
     ids = torch.tensor(tokenizer.encode(read_text(name_or_path)).ids, dtype=torch.long)
     return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def calibration_windows(tokenizer, texts, n_tokens: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Return n_tokens // seqlen non-overlapping windows (N, seqlen) drawn at random from ``texts``."""
+    for name in texts:
+        if name in EVALUATION_ONLY:
+            raise UserError(f"{name!r} is an evaluation text and is never used for calibration or training; "
+                            f"use {', '.join(CALIBRATION_TEXTS)} or your own files")
+    windows = []
+    for name in texts:
+        ids = tokenize_text(tokenizer, name)
+        usable = ids.numel() // seqlen * seqlen
+        windows.extend(ids[:usable].view(-1, seqlen))                  # whole windows only
+    wanted = n_tokens // seqlen
+    if wanted == 0:
+        raise UserError(f"--calib-tokens {n_tokens} is less than one window of --seqlen {seqlen}")
+    if len(windows) < wanted:
+        raise UserError(f"the calibration texts {', '.join(texts)} hold {len(windows)} windows of {seqlen} "
+                        f"tokens, fewer than the {wanted} that --calib-tokens {n_tokens} asks for")
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:wanted]
+    return torch.stack([windows[i] for i in order.tolist()])
 
 
 class Progress:
@@ -158,6 +184,44 @@ def check_seqlen(ckpt: str, seqlen: int) -> None:
         raise UserError(f"--seqlen {seqlen} is longer than the model's context ({context} tokens)")
 
 
+def quant_config(args) -> QuantConfig | None:
+    """Return the quantization configuration that --config and the --*bits overrides choose."""
+    if args.config is None:
+        if any(b is not None for b in (args.wbits, args.abits, args.kvbits)):
+            raise UserError("--wbits/--abits/--kvbits override --config; give --config too, e.g. --config W4A4KV4")
+        return None
+    try:
+        return QuantConfig.from_name(args.config).with_overrides(args.wbits, args.abits, args.kvbits)
+    except ValueError as err:
+        raise UserError(str(err))
+
+
+def add_quant_args(parser: argparse.ArgumentParser, default_config: str | None) -> None:
+    """Add the flags that choose the quantization and its calibration (shared with train.py)."""
+    parser.add_argument("--config", default=default_config,
+                        help="quantization: W<bits>A<bits>KV<bits>, e.g. W4A4KV4, W4A8KV8, W4A16KV16, W8A8KV8"
+                             + ("" if default_config else " (default: none, evaluate in floating point)"))
+    for flag, what in (("--wbits", "weights"), ("--abits", "activations"), ("--kvbits", "KV cache")):
+        parser.add_argument(flag, type=int, default=None, help=f"override the bits of the {what} (2..8, or 16)")
+    parser.add_argument("--calib-text", nargs="+", default=list(CALIBRATION_TEXTS),
+                        help="calibration texts: names or paths (default: the three Austen training novels)")
+    parser.add_argument("--calib-tokens", type=positive_int, default=16384,
+                        help="calibration tokens for the activation ranges (default 16384)")
+    parser.add_argument("--range-method", choices=("search", "minmax"), default="search",
+                        help="range initialisation: clipping search minimising the L_p error, or min-max")
+    parser.add_argument("--seed", type=int, default=0, help="seed for calibration windows and transform init")
+
+
+def quantize_baseline(teacher, qconfig, method: str, calib: torch.Tensor, args) -> QuantizedModel:
+    """Return a calibrated, merged quantized model with untrained transforms (RTN or rotation)."""
+    student = QuantizedModel(teacher, qconfig, METHODS[method], seed=args.seed)
+    log.info("%s %s: calibrating ranges on %d windows of %d tokens", method, qconfig.name, *calib.shape)
+    student.calibrate(calib.to(args.device), args.range_method,
+                      progress=Progress(f"{method} calibration", calib.shape[0], unit="windows"))
+    student.merge()
+    return student
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser)
@@ -165,26 +229,41 @@ def main() -> None:
                         help=f"texts to evaluate: names ({', '.join(TEXTS)}) or paths to UTF-8 files")
     parser.add_argument("--max-tokens", type=positive_int, default=None, help="use only the first N tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object per text on stdout")
+    add_quant_args(parser, default_config=None)
+    parser.add_argument("--method", choices=("rtn", "rotation"), default="rtn",
+                        help="with --config: rtn (no transforms) or rotation (residual Hadamard rotation "
+                             "plus the down_proj Hadamard), then round-to-nearest weights")
+    parser.add_argument("--float", action="store_true",
+                        help="evaluate a merged FPTQuant checkpoint without its quantizers")
     args = parser.parse_args()
 
     check_device(args.device)
     check_seqlen(args.ckpt, args.seqlen)
+    qconfig = quant_config(args)
     tokenizer = load_tokenizer(args.ckpt)
     texts = {name: tokenize_text(tokenizer, name, args.max_tokens) for name in args.text}
     for name, ids in texts.items():
         if ids.numel() < args.seqlen:
             raise UserError(f"text {name!r} has {ids.numel()} tokens, fewer than one window of "
                             f"--seqlen {args.seqlen}; use a longer text or a smaller --seqlen")
+    calib = (calibration_windows(tokenizer, args.calib_text, args.calib_tokens, args.seqlen, args.seed)
+             if qconfig else None)
 
     model = load_model(args.ckpt, compute_dtype(args), args.device)
+    label = "float"
+    if qconfig is not None:
+        model, label = quantize_baseline(model, qconfig, args.method, calib, args), f"{args.method} {qconfig.name}"
+    elif model.config.fptquant and "quantization" in model.config.fptquant and not args.float:
+        label = f"fptquant {load_quantizers(model, resolve_checkpoint(args.ckpt)).name}"
+
     for name, ids in texts.items():
         start = time.perf_counter()
         result = perplexity(model, ids, args.seqlen, label=f"{name}:")
         seconds = time.perf_counter() - start
         if args.json:
-            print(json.dumps({"text": name, **result, "seconds": round(seconds, 1)}))
+            print(json.dumps({"text": name, "model": label, **result, "seconds": round(seconds, 1)}))
         else:
-            print(f"{name}: perplexity {result['ppl']:.3f} over {result['tokens']} tokens "
+            print(f"{name} ({label}): perplexity {result['ppl']:.3f} over {result['tokens']} tokens "
                   f"at seqlen {result['seqlen']} ({seconds:.0f} s)")
 
 
