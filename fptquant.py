@@ -637,6 +637,14 @@ class ResidualRotation(nn.Module):
         init, self.init_kind = residual_rotation_init(dim, generator)
         orthogonal_parameter(self, "matrix", init.float())
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Online face after the embedding: x -> x R (the same as the merged E R)."""
+        return x @ self.matrix.to(x.dtype)
+
+    def unrotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Online face before the output head: x -> x R^T (the same as the merged W R)."""
+        return x @ self.matrix.to(x.dtype).T
+
 
 class PreRopeTransform(nn.Module):
     """T_k: per KV head and RoPE pair, keys get s R(theta) and queries s^-1 R(theta).
@@ -782,13 +790,17 @@ class Transforms(nn.Module):
         return {"down_proj_hadamard_block": self.hadamard.block if self.hadamard else None,
                 "dynamic_scaling": self.dynamic_scaling}
 
-    def merged_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def merged_weights(self, weights: dict[str, torch.Tensor],
+                       embedding_and_head: bool = True) -> dict[str, torch.Tensor]:
         """Return every weight with the mergeable transforms folded in, differentiably.
 
-        ``weights`` are a model's parameters by name, with the RMSNorm gains already folded.
+        ``weights`` are a model's parameters by name, with the RMSNorm gains already folded when
+        the rotation is on. With ``embedding_and_head=False`` the embedding and the head are left
+        as they are, for a caller that applies R to the residual stream online instead (cheaper
+        in training: T x d x d per step, against V x d x d for the two weights).
         """
         merged = dict(weights)
-        if self.rotation is not None:
+        if self.rotation is not None and embedding_and_head:
             R = self.rotation.matrix
             merged["embed_tokens.weight"] = weights["embed_tokens.weight"] @ R
             merged["lm_head.weight"] = weights["lm_head.weight"] @ R
@@ -884,6 +896,7 @@ def merge(model, transforms: Transforms) -> None:
             param.copy_(weights[name])
     model.config.fptquant = transforms.online_parts()
     attach_online_parts(model, model.config.fptquant)
+    model.embedding_transform = model.head_input_transform = None
 
 
 def attach_online_parts(model, parts: dict) -> None:
@@ -955,11 +968,16 @@ class QuantizedModel(nn.Module):
             fold_norms(self.model)   # R commutes only with a bare norm; folding changes what RTN sees
         attach_online_parts(self.model, self.transforms.online_parts())
         attach_quantizers(self.model, qconfig)
+        if self.transforms.rotation is not None:
+            # The embedding and the head are not quantized, so R can stay online until the merge.
+            self.model.embedding_transform = self.transforms.rotation.rotate
+            self.model.head_input_transform = self.transforms.rotation.unrotate
         self.merged = False
 
     def weights(self) -> dict[str, torch.Tensor]:
+        """The block weights with the current transforms merged; R is applied online (see __init__)."""
         base = {name: param for name, param in self.model.named_parameters() if "quantizer" not in name}
-        return self.transforms.merged_weights(base)
+        return self.transforms.merged_weights(base, embedding_and_head=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.merged:

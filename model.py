@@ -14,7 +14,9 @@ in the plain model, so the plain forward pays one ``is None`` check per slot:
   ``output_transform`` (attention output per query head, before o_proj), ``o_input_quantizer``;
 - ``MLP``: ``input_quantizer`` (shared by gate/up), ``up_transform`` (up_proj output),
   ``down_input_transform`` and ``down_input_quantizer`` (down_proj input);
-- ``Llama.dynamic_scaling``: the per-token residual scaling ``S_n`` (see ``Block.forward``).
+- ``Llama``: ``embedding_transform`` and ``head_input_transform`` (the residual stream where it
+  enters and leaves the blocks), and ``dynamic_scaling``, the per-token residual scaling ``S_n``
+  (see ``Block.forward``).
 """
 
 import json
@@ -325,16 +327,23 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.dynamic_scaling = False   # S_n: carry the residual in per-token normalised form
+        self.embedding_transform = None    # residual stream, after the embedding
+        self.head_input_transform = None   # residual stream, after the final norm
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Return next-token logits (B, T, V) for token ids (B, T)."""
         T = tokens.shape[1]
         x = self.embed_tokens(tokens)                          # (B, T, d)
+        if self.embedding_transform is not None:
+            x = self.embedding_transform(x)
         cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
         scale = torch.ones_like(x[..., :1]) if self.dynamic_scaling else None  # (B, T, 1)
         for layer in self.layers:
             x, scale = layer(x, cos, sin, scale)
-        return self.lm_head(self.norm(x, scale))
+        x = self.norm(x, scale)
+        if self.head_input_transform is not None:
+            x = self.head_input_transform(x)
+        return self.lm_head(x)
 
 
 # ----------------------------------------------------------------------------------------------
