@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptq import gptq_model
 from fptquant import METHODS, QuantConfig, QuantizedModel, load_quantizers
 from model import (DEFAULT_CHECKPOINT, REPO_DIR, UserError, load_config, load_model, load_tokenizer,
                    resolve_checkpoint)
@@ -94,8 +95,9 @@ class Progress:
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        log.info("%s %d/%d %s, %.1f %s/s, ETA %s%s", self.label, done, self.total, self.unit,
-                 rate, self.unit, format_seconds(eta), f", {extra}" if extra else "")
+        speed = f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s/{self.unit.rstrip('s')}"
+        log.info("%s %d/%d %s, %s, ETA %s%s", self.label, done, self.total, self.unit, speed,
+                 format_seconds(eta), f", {extra}" if extra else "")
 
 
 def format_seconds(seconds: float) -> str:
@@ -210,6 +212,12 @@ def add_quant_args(parser: argparse.ArgumentParser, default_config: str | None) 
     parser.add_argument("--range-method", choices=("search", "minmax"), default="search",
                         help="range initialisation: clipping search minimising the L_p error, or min-max")
     parser.add_argument("--seed", type=int, default=0, help="seed for calibration windows and transform init")
+    parser.add_argument("--weights", choices=("rtn", "gptq"), default="rtn",
+                        help="weight rounding after the merge: round-to-nearest, or GPTQ on the calibration windows")
+    parser.add_argument("--gptq-damp", type=float, default=0.01,
+                        help="GPTQ dampening, as a fraction of the mean Hessian diagonal")
+    parser.add_argument("--gptq-block", type=positive_int, default=128, help="GPTQ column block size")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
 
 
 def quantize_baseline(teacher, qconfig, method: str, calib: torch.Tensor, args) -> QuantizedModel:
@@ -219,7 +227,22 @@ def quantize_baseline(teacher, qconfig, method: str, calib: torch.Tensor, args) 
     student.calibrate(calib.to(args.device), args.range_method,
                       progress=Progress(f"{method} calibration", calib.shape[0], unit="windows"))
     student.merge()
+    if args.weights == "gptq":
+        apply_gptq(student, calib, args)
     return student
+
+
+def apply_gptq(student: QuantizedModel, calib: torch.Tensor, args) -> dict:
+    """Replace the merged model's weights by GPTQ weights; return the settings and the time taken."""
+    start = time.perf_counter()
+    try:
+        settings = gptq_model(student, calib.to(args.device), block_size=args.gptq_block, damp=args.gptq_damp,
+                              act_order=args.act_order)
+    except ValueError as err:
+        raise UserError(str(err))
+    settings["seconds"] = round(time.perf_counter() - start, 1)
+    log.info("GPTQ finished in %s", format_seconds(settings["seconds"]))
+    return settings
 
 
 def main() -> None:
@@ -232,7 +255,7 @@ def main() -> None:
     add_quant_args(parser, default_config=None)
     parser.add_argument("--method", choices=("rtn", "rotation"), default="rtn",
                         help="with --config: rtn (no transforms) or rotation (residual Hadamard rotation "
-                             "plus the down_proj Hadamard), then round-to-nearest weights")
+                             "plus the down_proj Hadamard), then the --weights rounding")
     parser.add_argument("--float", action="store_true",
                         help="evaluate a merged FPTQuant checkpoint without its quantizers")
     args = parser.parse_args()
@@ -252,7 +275,8 @@ def main() -> None:
     model = load_model(args.ckpt, compute_dtype(args), args.device)
     label = "float"
     if qconfig is not None:
-        model, label = quantize_baseline(model, qconfig, args.method, calib, args), f"{args.method} {qconfig.name}"
+        model = quantize_baseline(model, qconfig, args.method, calib, args)
+        label = f"{args.method} {qconfig.name}" + (" gptq" if args.weights == "gptq" else "")
     elif model.config.fptquant and "quantization" in model.config.fptquant and not args.float:
         label = f"fptquant {load_quantizers(model, resolve_checkpoint(args.ckpt)).name}"
 
