@@ -151,8 +151,8 @@ def check_finite(loss: torch.Tensor, phase: str, step: int, checkpoint: Path) ->
 # Phases
 
 
-def local_phase(student: QuantizedModel, windows, args, checkpoint: Path, start=None) -> None:
-    """Minimise the L4 norms of the weights and activations that will be quantized."""
+def local_phase(student: QuantizedModel, windows, args, checkpoint: Path, start=None) -> list[float]:
+    """Minimise the L4 norms of the weights and activations that will be quantized; return the losses."""
     quantizers = list(named_quantizers(student.model, True).values()) + \
         list(named_quantizers(student.model, False).values())
     for quantizer in quantizers:
@@ -170,6 +170,7 @@ def local_phase(student: QuantizedModel, windows, args, checkpoint: Path, start=
         first_step = start["step"]
     weight_names = [n.removesuffix("weight_quantizer") + "weight" for n in named_quantizers(student.model, True)]
     reference = None
+    losses = []
     progress = Progress("local", args.local_steps, unit="steps", every=5)
     for step in range(first_step, args.local_steps):
         batch = window_batch(windows, step, args.local_batch, args.seed).to(args.device)
@@ -189,6 +190,7 @@ def local_phase(student: QuantizedModel, windows, args, checkpoint: Path, start=
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
         progress.update(step + 1, f"loss {loss.item():.4f}, lr {args.local_lr:.1e}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.local_steps:
             save_state(checkpoint, student, "local", step + 1, optimizer, None)
@@ -197,10 +199,11 @@ def local_phase(student: QuantizedModel, windows, args, checkpoint: Path, start=
         hook.remove()
     for quantizer in quantizers:
         quantizer.enabled = True
+    return losses
 
 
-def e2e_phase(student: QuantizedModel, teacher, windows, args, checkpoint: Path, start=None) -> None:
-    """Train transforms and quantizer ranges to match the teacher under the Jensen-Shannon divergence."""
+def e2e_phase(student: QuantizedModel, teacher, windows, args, checkpoint: Path, start=None) -> list[float]:
+    """Train transforms and quantizer ranges to match the teacher (Jensen-Shannon); return the losses."""
     quantizer_params = [p for n, p in student.model.named_parameters() if "quantizer" in n]
     optimizer = torch.optim.AdamW([
         {"params": list(student.transforms.parameters()), "lr": args.e2e_lr},
@@ -221,6 +224,7 @@ def e2e_phase(student: QuantizedModel, teacher, windows, args, checkpoint: Path,
         first_step = start["step"]
 
     progress = Progress("e2e", args.e2e_steps, unit="steps", every=5)
+    losses = []
     step_start = time.perf_counter()
     for step in range(first_step, args.e2e_steps):
         batch = window_batch(windows, step, args.e2e_batch, args.seed).to(args.device)
@@ -236,12 +240,14 @@ def e2e_phase(student: QuantizedModel, teacher, windows, args, checkpoint: Path,
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        losses.append(loss.item())
         now = time.perf_counter()
         tokens_per_s = batch.numel() / (now - step_start)
         step_start = now
         progress.update(step + 1, f"JSD {loss.item():.5f}, lr {lr:.2e}, {tokens_per_s:.0f} tokens/s")
         if (step + 1) % args.save_every == 0 or step + 1 == args.e2e_steps:
             save_state(checkpoint, student, "e2e", step + 1, optimizer, scheduler)
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------
