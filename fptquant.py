@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 log = logging.getLogger("fptquant")
 
@@ -982,7 +982,9 @@ class QuantizedModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.model(tokens)
-        return torch.func.functional_call(self.model, self.weights(), (tokens,))
+        # Compute each orthogonal matrix once per forward, not at every use.
+        with parametrize.cached():
+            return torch.func.functional_call(self.model, self.weights(), (tokens,))
 
     @torch.no_grad()
     def init_weight_ranges(self, method: str = "search", p: float = 2.4) -> None:
