@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from gptq import gptq_model
-from fptquant import METHODS, QuantConfig, QuantizedModel, load_quantizers
+from fptquant import METHODS, QuantConfig, QuantizedModel, load_quantizers, named_quantizers
 from model import (DEFAULT_CHECKPOINT, REPO_DIR, UserError, load_config, load_model, load_tokenizer,
                    resolve_checkpoint)
 
@@ -245,6 +245,47 @@ def apply_gptq(student: QuantizedModel, calib: torch.Tensor, args) -> dict:
     return settings
 
 
+@torch.no_grad()
+def activation_stats(teacher, ids: torch.Tensor, seqlen: int, method: str) -> dict[str, dict]:
+    """Return max |x| and kurtosis of every tensor that W4A4KV4 quantizes, with ``method``'s transforms at init.
+
+    Kurtosis is E[(x - mean)^4] / var^2 over all elements (3 for a Gaussian); outliers raise it.
+    """
+    student = QuantizedModel(teacher, QuantConfig.from_name("W4A4KV4"), METHODS[method])
+    stats, hooks = {}, []
+    for name, quantizer in named_quantizers(student.model, weights=False).items():
+        quantizer.enabled = False
+
+        def record(_, inputs, name=name):
+            x = inputs[0].double().flatten()
+            centred = x - x.mean()
+            entry = stats.setdefault(name, {"max_abs": 0.0, "moments": torch.zeros(2, dtype=torch.float64)})
+            entry["max_abs"] = max(entry["max_abs"], x.abs().max().item())
+            entry["moments"] += torch.stack([centred.pow(2).mean(), centred.pow(4).mean()])
+
+        hooks.append(quantizer.register_forward_pre_hook(record))
+    for window in ids[: ids.numel() // seqlen * seqlen].view(-1, seqlen):
+        student(window[None].to(next(teacher.parameters()).device))
+    for hook in hooks:
+        hook.remove()
+    return {name: {"max_abs": entry["max_abs"],
+                   "kurtosis": (entry["moments"][1] / entry["moments"][0] ** 2 * (len(ids) // seqlen)).item()}
+            for name, entry in stats.items()}
+
+
+def print_activation_stats(teacher, ids: torch.Tensor, seqlen: int) -> None:
+    """Print a Markdown table of activation ranges per layer, without transforms and with them at init."""
+    plain = activation_stats(teacher, ids, seqlen, "rtn")
+    transformed = activation_stats(teacher, ids, seqlen, "fptquant")
+    print("| tensor | max abs, no transforms | max abs, FPTQuant init | kurtosis, no transforms | "
+          "kurtosis, FPTQuant init |")
+    print("|---|---|---|---|---|")
+    for name in plain:
+        short = name.replace("layers.", "").replace("self_attn.", "attn.").removesuffix("_quantizer")
+        print(f"| {short} | {plain[name]['max_abs']:.1f} | {transformed[name]['max_abs']:.1f} | "
+              f"{plain[name]['kurtosis']:.1f} | {transformed[name]['kurtosis']:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser)
@@ -258,6 +299,9 @@ def main() -> None:
                              "plus the down_proj Hadamard), then the --weights rounding")
     parser.add_argument("--float", action="store_true",
                         help="evaluate a merged FPTQuant checkpoint without its quantizers")
+    parser.add_argument("--activation-stats", action="store_true",
+                        help="print max |x| and kurtosis of every quantized activation, without transforms and "
+                             "with FPTQuant's at initialisation, on the first --text, instead of perplexity")
     args = parser.parse_args()
 
     check_device(args.device)
@@ -273,6 +317,12 @@ def main() -> None:
              if qconfig else None)
 
     model = load_model(args.ckpt, compute_dtype(args), args.device)
+    if args.activation_stats:
+        name, ids = next(iter(texts.items()))
+        print(f"Activation ranges on the first {ids.numel() // args.seqlen * args.seqlen} tokens of {name}, "
+              f"seqlen {args.seqlen}\n")
+        print_activation_stats(model, ids, args.seqlen)
+        return
     label = "float"
     if qconfig is not None:
         model = quantize_baseline(model, qconfig, args.method, calib, args)

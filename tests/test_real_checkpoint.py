@@ -5,7 +5,9 @@ import json
 import pytest
 
 from eval import perplexity, tokenize_text
+from fptquant import TRANSFORM_NAMES, QuantConfig, QuantizedModel
 from model import load_model, load_tokenizer
+from test_transforms import randomize
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +36,15 @@ def test_wikitext_perplexity_in_sane_band(real_checkpoint, tokenizer):
     result = perplexity(model, ids, seqlen=512)
     assert result["tokens"] == 4096
     assert 25 < result["ppl"] < 40, result
+
+
+def test_merged_random_transforms_keep_perplexity(real_checkpoint, tokenizer):
+    """Every transform on, with random non-identity parameters, merged: perplexity within 0.1%."""
+    teacher = load_model(str(real_checkpoint))
+    ids = tokenize_text(tokenizer, "wikitext2", max_tokens=2048)
+    reference = perplexity(teacher, ids, seqlen=512)["ppl"]
+
+    merged = QuantizedModel(teacher, QuantConfig.from_name("W16A16KV16"), TRANSFORM_NAMES)
+    randomize(merged.transforms)
+    merged.merge()
+    assert abs(perplexity(merged, ids, seqlen=512)["ppl"] / reference - 1) < 1e-3
