@@ -56,16 +56,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-text", nargs="+", default=list(EVALUATION_ONLY),
                         help="evaluation texts: names or paths (never trained on)")
     parser.add_argument("--eval-tokens", type=positive_int, default=16384,
-                        help="evaluate on the first N tokens of each text (0 windows of remainder)")
-    parser.add_argument("--eval-seqlen", type=positive_int, default=None,
-                        help="window length for evaluation (default: --seqlen)")
-    parser.add_argument("--local-steps", type=int, default=100, help="steps of the local (L4) phase")
+                        help="evaluate on the first N tokens of each text")
+    parser.add_argument("--eval-seqlen", type=positive_int, default=2048,
+                        help="window length for evaluation (--seqlen sets the calibration and training windows)")
+    parser.add_argument("--local-steps", type=int, default=50, help="steps of the local (L4) phase")
     parser.add_argument("--local-lr", type=float, default=1e-2, help="AdamW learning rate of the local phase")
     parser.add_argument("--local-loss", choices=("weights", "activations", "both"), default="both",
                         help="tensors whose L4 norm the local phase minimises")
     parser.add_argument("--local-batch", type=positive_int, default=1,
                         help="calibration windows per local step (activation loss)")
-    parser.add_argument("--e2e-steps", type=int, default=40, help="steps of the end-to-end phase")
+    parser.add_argument("--e2e-steps", type=int, default=30, help="steps of the end-to-end phase")
     parser.add_argument("--e2e-lr", type=float, default=1e-3,
                         help="peak AdamW learning rate of the transforms in the end-to-end phase")
     parser.add_argument("--quantizer-lr", type=float, default=1e-4,
@@ -82,7 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, flag in ABLATION_FLAGS.items():
         parser.add_argument(flag, action="store_true", help=f"switch off the {name} transform")
     args = parser.parse_args(argv)
-    args.eval_seqlen = args.eval_seqlen or args.seqlen
     return args
 
 

@@ -31,7 +31,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 def flags(ckpt, out, *extra):
-    return ["--ckpt", str(ckpt), "--out", str(out), "--device", "cpu", "--seqlen", "16",
+    return ["--ckpt", str(ckpt), "--out", str(out), "--device", "cpu", "--seqlen", "16", "--eval-seqlen", "16",
             "--calib-tokens", "256", "--eval-tokens", "64", "--local-steps", "4", "--e2e-steps", "4",
             "--save-every", "2", *extra]
 
