@@ -286,6 +286,19 @@ def print_activation_stats(teacher, ids: torch.Tensor, seqlen: int) -> None:
               f"{plain[name]['kurtosis']:.1f} | {transformed[name]['kurtosis']:.1f} |")
 
 
+def use_int_kernels(model, folder) -> int:
+    """Replace the block linears by integer ones from the folder's export; return how many."""
+    from safetensors.torch import load_file
+
+    from kernels import replace_linears_with_int
+
+    tensors = load_file(str(Path(folder) / model.config.fptquant["quantization"]["file"]))
+    try:
+        return replace_linears_with_int(model, tensors)
+    except ValueError as err:
+        raise UserError(str(err))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser)
@@ -299,6 +312,9 @@ def main() -> None:
                              "plus the down_proj Hadamard), then the --weights rounding")
     parser.add_argument("--float", action="store_true",
                         help="evaluate a merged FPTQuant checkpoint without its quantizers")
+    parser.add_argument("--kernels", choices=("fake", "int"), default="fake",
+                        help="for a merged FPTQuant checkpoint: fake quantization, or real integer matmuls "
+                             "(kernels.py) built from its quantized export")
     parser.add_argument("--activation-stats", action="store_true",
                         help="print max |x| and kurtosis of every quantized activation, without transforms and "
                              "with FPTQuant's at initialisation, on the first --text, instead of perplexity")
@@ -328,7 +344,13 @@ def main() -> None:
         model = quantize_baseline(model, qconfig, args.method, calib, args)
         label = f"{args.method} {qconfig.name}" + (" gptq" if args.weights == "gptq" else "")
     elif model.config.fptquant and "quantization" in model.config.fptquant and not args.float:
-        label = f"fptquant {load_quantizers(model, resolve_checkpoint(args.ckpt)).name}"
+        folder = resolve_checkpoint(args.ckpt)
+        label = f"fptquant {load_quantizers(model, folder).name}"
+        if args.kernels == "int":
+            label += f", {use_int_kernels(model, folder)} integer linears"
+    if args.kernels == "int" and "integer" not in label:
+        raise UserError("--kernels int needs a merged FPTQuant checkpoint with its quantized export, "
+                        "e.g. --ckpt runs/<run>/merged")
 
     for name, ids in texts.items():
         start = time.perf_counter()

@@ -381,6 +381,46 @@ class IntLinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Whole model
+
+# Each group of block linears and the activation quantizer slot that feeds it.
+QUANTIZED_INPUTS = (("self_attn", "input_quantizer", ("q_proj", "k_proj", "v_proj")),
+                    ("self_attn", "o_input_quantizer", ("o_proj",)),
+                    ("mlp", "input_quantizer", ("gate_proj", "up_proj")),
+                    ("mlp", "down_input_quantizer", ("down_proj",)))
+
+
+def replace_linears_with_int(model, tensors: dict[str, torch.Tensor]) -> int:
+    """Swap every block linear of a merged model for an IntLinear built from the quantized export.
+
+    ``model`` has its fake quantizers attached (``fptquant.load_quantizers``); ``tensors`` is the
+    export (``quantized.safetensors``). Each IntLinear quantizes its own input with the static range
+    of the activation quantizer it replaces, so those slots are emptied. The online Hadamard, S_n
+    and the KV-cache quantizers stay as they are. Returns the number of linears replaced.
+    """
+    replaced = 0
+    for i, layer in enumerate(model.layers):
+        for block_name, slot, linear_names in QUANTIZED_INPUTS:
+            block = getattr(layer, block_name)
+            quantizer = getattr(block, slot)
+            if quantizer is None:
+                raise ValueError("integer kernels need quantized activations (2 to 8 bits); this model keeps "
+                                 f"the input of layers.{i}.{block_name}.{linear_names[0]} in floating point")
+            prefix = f"layers.{i}.{block_name}"
+            for name in linear_names:
+                linear = getattr(block, name)
+                int_linear = IntLinear.from_quantized(
+                    tensors[f"{prefix}.{name}.weight_int"], tensors[f"{prefix}.{name}.weight_scale"].reshape(-1),
+                    tensors[f"{prefix}.{slot}.scale"].item(), tensors[f"{prefix}.{slot}.zero_point"].item(),
+                    act_bits=quantizer.bits, weight_bits=linear.weight_quantizer.bits,
+                    symmetric_act=quantizer.symmetric)
+                setattr(block, name, int_linear.to(linear.weight.device))
+                replaced += 1
+            setattr(block, slot, None)
+    return replaced
+
+
+# ---------------------------------------------------------------------------------------------
 # Benchmark
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -274,3 +275,33 @@ def test_benchmark_report_small_shape():
     table = kernels.format_table(report)
     assert "INT4 values on INT8 units" in table
     assert "64 -> 40" in table
+
+
+def test_whole_model_int_kernels_match_fake_quantization(tmp_path):
+    """A merged W4A8KV8 model run on IntLinears gives the fake-quantized perplexity within 0.5%."""
+    from safetensors.torch import save_file
+
+    from conftest import random_model, tiny_config
+    from eval import perplexity
+    from fptquant import QUANTIZED_FILE, METHODS, QuantConfig, QuantizedModel, export_quantized, load_quantizers
+    from model import load_model, save_checkpoint
+    from test_model import write_tokenizer
+
+    for config in ("W4A8KV8", "W4A4KV4"):
+        student = QuantizedModel(random_model(tiny_config()), QuantConfig.from_name(config), METHODS["fptquant"])
+        batches = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+        student.calibrate(batches)
+        student.merge()
+        folder = tmp_path / config
+        write_tokenizer(tmp_path)
+        save_checkpoint(student.model, folder, tmp_path / "tokenizer.json")
+        save_file(export_quantized(student.model), str(folder / QUANTIZED_FILE))
+
+        model = load_model(str(folder))
+        load_quantizers(model, folder)
+        ids = torch.randint(0, 97, (256,), generator=torch.Generator().manual_seed(1))
+        fake = perplexity(model, ids, 32)["ppl"]
+        assert kernels.replace_linears_with_int(model, load_file(str(folder / QUANTIZED_FILE))) == 14
+        assert isinstance(model.layers[0].mlp.down_proj, kernels.IntLinear)
+        assert model.layers[0].mlp.down_input_quantizer is None
+        assert perplexity(model, ids, 32)["ppl"] == pytest.approx(fake, rel=5e-3)
