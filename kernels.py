@@ -38,6 +38,7 @@ import platform
 import statistics
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -651,6 +652,43 @@ def format_candidates(report: dict) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_shapes(config) -> list[tuple[int, int]]:
+    """Return the (in, out) shapes of a Llama config's block linears, without repeats."""
+    hidden, heads = config.hidden_size, config.num_attention_heads * config.head_dim
+    kv, ff = config.num_key_value_heads * config.head_dim, config.intermediate_size
+    return list(dict.fromkeys([(hidden, heads), (hidden, kv), (heads, hidden), (hidden, ff), (ff, hidden)]))
+
+
+@torch.no_grad()
+def prefill_benchmark(folder, seqlen: int, repeats: int = 3) -> dict:
+    """Time one forward pass over ``seqlen`` tokens of a merged checkpoint: float weights against
+    the integer linears built from its quantized export (online Hadamard and S_n in both)."""
+    from safetensors.torch import load_file
+
+    from fptquant import load_quantizers
+    from model import load_model
+
+    float_model = load_model(str(folder))
+    tokens = torch.randint(0, float_model.config.vocab_size, (1, seqlen), generator=torch.Generator().manual_seed(0))
+    int_model = load_model(str(folder))
+    qconfig = load_quantizers(int_model, folder)
+    replace_linears_with_int(int_model, load_file(str(folder / int_model.config.fptquant["quantization"]["file"])))
+
+    seconds = {}
+    for name, model in (("float", float_model), ("integer", int_model)):
+        model(tokens)  # warm-up, and the integer back end packs its weights here
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(tokens)
+            times.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(times)
+    return {"checkpoint": str(folder), "config": qconfig.name, "seqlen": seqlen,
+            "float_tokens_per_s": seqlen / seconds["float"], "integer_tokens_per_s": seqlen / seconds["integer"],
+            "speedup": seconds["float"] / seconds["integer"],
+            "note": "the integer model keeps fake-quantized KV cache and float attention, embedding and head"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -663,6 +701,10 @@ def main() -> None:
                         help="number of torch CPU threads (default: torch's default)")
     parser.add_argument("--budget", type=float, default=1.5,
                         help="seconds of timed repeats per shape and token count (default: 1.5)")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="a merged FPTQuant checkpoint folder (runs/<run>/merged): bench its linear shapes "
+                             "and time its prefill, float against integer")
+    parser.add_argument("--prefill-tokens", type=int, default=2048, help="tokens of the prefill timing (default: 2048)")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -674,8 +716,22 @@ def main() -> None:
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
 
     if args.bench:
-        report = run_benchmark(SMOLLM2_135M_SHAPES + LLAMA2_7B_SHAPES, BENCH_TOKEN_COUNTS, args.budget)
+        shapes = SMOLLM2_135M_SHAPES
+        if args.ckpt is not None:
+            from model import load_config
+
+            if not (args.ckpt / "config.json").is_file():
+                parser.error(f"--ckpt {args.ckpt}: config.json not found; pass a run's merged/ folder")
+            shapes = checkpoint_shapes(load_config(args.ckpt))
+        report = run_benchmark(shapes + [s for s in LLAMA2_7B_SHAPES if s not in shapes], BENCH_TOKEN_COUNTS, args.budget)
+        if args.ckpt is not None:
+            report["prefill"] = prefill_benchmark(args.ckpt, args.prefill_tokens)
         print(json.dumps(report) if args.json else format_table(report))
+        if "prefill" in report and not args.json:
+            p = report["prefill"]
+            print(f"\nprefill of {p['seqlen']} tokens, {p['checkpoint']} ({p['config']}): float "
+                  f"{p['float_tokens_per_s']:.0f} tokens/s, integer {p['integer_tokens_per_s']:.0f} tokens/s, "
+                  f"speedup {p['speedup']:.2f}x ({p['note']})")
     else:
         report = run_candidates(4096, 4096, BENCH_TOKEN_COUNTS, max_call_s=15.0)
         print(json.dumps(report) if args.json else format_candidates(report))

@@ -305,3 +305,24 @@ def test_whole_model_int_kernels_match_fake_quantization(tmp_path):
         assert isinstance(model.layers[0].mlp.down_proj, kernels.IntLinear)
         assert model.layers[0].mlp.down_input_quantizer is None
         assert perplexity(model, ids, 32)["ppl"] == pytest.approx(fake, rel=5e-3)
+
+
+def test_prefill_benchmark_on_tiny_merged_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import random_model, tiny_config
+    from fptquant import QUANTIZED_FILE, METHODS, QuantConfig, QuantizedModel, export_quantized
+    from model import save_checkpoint
+    from test_model import write_tokenizer
+
+    student = QuantizedModel(random_model(tiny_config()), QuantConfig.from_name("W4A4KV4"), METHODS["rotation"])
+    student.calibrate(torch.randint(0, 97, (2, 16)))
+    student.merge()
+    write_tokenizer(tmp_path)
+    save_checkpoint(student.model, tmp_path / "merged", tmp_path / "tokenizer.json")
+    save_file(export_quantized(student.model), str(tmp_path / "merged" / QUANTIZED_FILE))
+
+    report = kernels.prefill_benchmark(tmp_path / "merged", seqlen=32, repeats=1)
+    assert report["config"] == "W4A4KV4" and report["seqlen"] == 32
+    assert report["float_tokens_per_s"] > 0 and report["integer_tokens_per_s"] > 0
+    assert kernels.checkpoint_shapes(tiny_config()) == [(32, 32), (32, 16), (32, 48), (48, 32)]
