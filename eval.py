@@ -252,6 +252,8 @@ def activation_stats(teacher, ids: torch.Tensor, seqlen: int, method: str) -> di
     Kurtosis is E[(x - mean)^4] / var^2 over all elements (3 for a Gaussian); outliers raise it.
     """
     student = QuantizedModel(teacher, QuantConfig.from_name("W4A4KV4"), METHODS[method])
+    for quantizer in named_quantizers(student.model, weights=True).values():
+        quantizer.enabled = False
     stats, hooks = {}, []
     for name, quantizer in named_quantizers(student.model, weights=False).items():
         quantizer.enabled = False
