@@ -490,7 +490,9 @@ def save_checkpoint(model: Llama, dest: Path, tokenizer_file: Path, dtype: torch
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        state = {hf_name(n): p.detach().to("cpu", dtype).contiguous() for n, p in model.named_parameters()}
+        expected = expected_tensors(model.config)  # the Llama's own weights, no quantizer parameters
+        state = {hf_name(n): p.detach().to("cpu", dtype).contiguous()
+                 for n, p in model.named_parameters() if hf_name(n) in expected}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")

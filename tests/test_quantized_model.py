@@ -63,6 +63,10 @@ def test_exported_folder_reproduces_quantized_model(tmp_path, tokens):
     save_checkpoint(student.model, tmp_path / "merged", tmp_path / "tokenizer.json")
     save_file(export_quantized(student.model), str(tmp_path / "merged" / QUANTIZED_FILE))
 
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as weights:
+        assert not [name for name in weights.keys() if "quantizer" in name]
+
     loaded = load_model(str(tmp_path / "merged"))
     assert load_quantizers(loaded, tmp_path / "merged").name == "W4A4KV4"
     with torch.no_grad():
