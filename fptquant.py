@@ -786,7 +786,7 @@ class Transforms(nn.Module):
         self.dynamic_scaling = "sn" in enabled
 
     def online_parts(self) -> dict:
-        """The parts that stay online after merging, as stored in a merged checkpoint's config."""
+        """Return the parts that stay online after merging, as a merged checkpoint's config stores them."""
         return {"down_proj_hadamard_block": self.hadamard.block if self.hadamard else None,
                 "dynamic_scaling": self.dynamic_scaling}
 
@@ -975,7 +975,7 @@ class QuantizedModel(nn.Module):
         self.merged = False
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The block weights with the current transforms merged; R is applied online (see __init__)."""
+        """Return the block weights with the current transforms merged (R is applied online, see __init__)."""
         base = {name: param for name, param in self.model.named_parameters() if "quantizer" not in name}
         return self.transforms.merged_weights(base, embedding_and_head=False)
 
