@@ -612,7 +612,7 @@ def grouped_walsh_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
 # Transforms
 #
 # Each transform is a pair of operations that cancel in full precision. It has two faces:
-# ``merge`` folds the pair into the weights (differentiably, so training sees the weights that
+# ``merge`` folds the pair into the weights (differentiably, so training uses the weights that
 # will be quantized), and an online face that applies the pair to activations through the slots
 # of model.py. Tests check that both faces leave the logits unchanged.
 
@@ -965,7 +965,7 @@ class QuantizedModel(nn.Module):
         self.model.requires_grad_(False)
         self.transforms = Transforms(self.model.config, enabled, seed).to(next(teacher.parameters()).device)
         if self.transforms.rotation is not None:
-            fold_norms(self.model)   # R commutes only with a bare norm; folding changes what RTN sees
+            fold_norms(self.model)   # R commutes only with a bare norm; folding changes the weights RTN quantizes
         attach_online_parts(self.model, self.transforms.online_parts())
         attach_quantizers(self.model, qconfig)
         if self.transforms.rotation is not None:

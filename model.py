@@ -43,7 +43,7 @@ class UserError(Exception):
 
 
 class CheckpointError(UserError):
-    """A checkpoint is missing, unreadable or does not match its config; the message says what to do."""
+    """A checkpoint is missing, unreadable or does not match its config; the message names the fix."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class RMSNorm(nn.Module):
         """Return rms(x), shape (..., 1); computed in float32 at least.
 
         When the residual is carried as x / scale (S_n), eps / scale^2 takes the place of eps, so
-        that rms(x / scale) = rms(x) / scale holds exactly.
+        that rms(x / scale) = rms(x) / scale exactly.
         """
         wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         eps = self.eps if scale is None else self.eps / scale.to(wide.dtype).square()
@@ -296,7 +296,7 @@ class Block(nn.Module):
 
         With dynamic scaling S_n the residual is carried as z = x / c with a per-token scalar c
         (c = 1 at the embedding). For each sub-block: rho = rms(z), y = z / rho, c <- c * rho
-        (= rms(x)), z <- y + F(g * y) / c. By induction z = x / c, so the final norm sees the same
+        (= rms(x)), z <- y + F(g * y) / c. By induction z = x / c, so the final norm gets the same
         direction and the logits are unchanged (``RMSNorm.rms`` rescales eps to keep this exact).
         Since F ends in a bias-free linear, the division by c is applied to that linear's input
         (o_proj, down_proj), which keeps tokens with a huge residual norm from stretching their

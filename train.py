@@ -132,7 +132,7 @@ def load_state(path: Path, student: QuantizedModel) -> dict:
 
 
 def window_batch(windows: torch.Tensor, step: int, batch: int, seed: int) -> torch.Tensor:
-    """Return the windows of one step: a fixed shuffle per epoch, so a resumed run sees the same data."""
+    """Return the windows of one step: a fixed shuffle per epoch, so a resumed run gets the same data."""
     per_epoch = max(windows.shape[0] // batch, 1)
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed * 1000 + epoch))

@@ -44,7 +44,8 @@ def test_good_folder_runs(good_folder, text_file):
     result = run_eval("--ckpt", good_folder, "--text", text_file, "--seqlen", 16, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["seqlen"] == 16 and report["tokens"] == 192  # 200 tokens, 12 whole windows
+    assert report["seqlen"] == 16
+    assert report["tokens"] == 192  # 200 tokens, 12 whole windows
 
 
 def test_unknown_checkpoint_name(text_file):

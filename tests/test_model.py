@@ -51,7 +51,8 @@ def test_rope_llama3_scaling_bands():
             smooth = (64 / wavelength - 1) / (4 - 1)
             expected = (1 - smooth) * base / 8 + smooth * base
         assert math.isclose(got, expected, rel_tol=1e-6), (base, got, expected)
-    assert (scaled < plain).any() and (scaled == plain).any()
+    assert (scaled < plain).any()
+    assert (scaled == plain).any()
 
 
 def reference_attention(attn, x, cos, sin):

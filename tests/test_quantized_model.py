@@ -79,7 +79,8 @@ def test_export_weights_are_on_the_int4_grid():
     tensors = export_quantized(student.model)
     codes = tensors["layers.0.mlp.down_proj.weight_int"]
     assert codes.dtype == torch.int8
-    assert codes.min() >= -8 and codes.max() <= 7
+    assert codes.min() >= -8
+    assert codes.max() <= 7
     scale = tensors["layers.0.mlp.down_proj.weight_scale"]
     dequantized = codes.float() * scale
     weight = student.model.layers[0].mlp.down_proj.weight
