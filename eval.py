@@ -232,8 +232,11 @@ def quantize_baseline(teacher, qconfig, method: str, calib: torch.Tensor, args) 
     return student
 
 
-def apply_gptq(student: QuantizedModel, calib: torch.Tensor, args) -> dict:
-    """Replace the merged model's weights by GPTQ weights; return the settings and the time taken."""
+def apply_gptq(student, calib: torch.Tensor, args) -> dict:
+    """Replace the merged model's weights by GPTQ weights; return the settings and the time taken.
+
+    ``student`` is a merged ``QuantizedModel`` or a Llama loaded from a merged checkpoint.
+    """
     start = time.perf_counter()
     try:
         settings = gptq_model(student, calib.to(args.device), block_size=args.gptq_block, damp=args.gptq_damp,
@@ -325,6 +328,9 @@ def main() -> None:
     check_device(args.device)
     check_seqlen(args.ckpt, args.seqlen)
     qconfig = quant_config(args)
+    merged = "quantization" in (load_config(resolve_checkpoint(args.ckpt)).fptquant or {}) and not args.float
+    if args.weights == "gptq" and qconfig is None and not merged:
+        raise UserError("--weights gptq needs --config or a merged FPTQuant checkpoint, e.g. --ckpt runs/<run>/merged")
     tokenizer = load_tokenizer(args.ckpt)
     texts = {name: tokenize_text(tokenizer, name, args.max_tokens) for name in args.text}
     for name, ids in texts.items():
@@ -332,7 +338,7 @@ def main() -> None:
             raise UserError(f"text {name!r} has {ids.numel()} tokens, fewer than one window of "
                             f"--seqlen {args.seqlen}; use a longer text or a smaller --seqlen")
     calib = (calibration_windows(tokenizer, args.calib_text, args.calib_tokens, args.seqlen, args.seed)
-             if qconfig else None)
+             if qconfig or args.weights == "gptq" else None)
 
     model = load_model(args.ckpt, compute_dtype(args), args.device)
     if args.activation_stats:
@@ -345,9 +351,14 @@ def main() -> None:
     if qconfig is not None:
         model = quantize_baseline(model, qconfig, args.method, calib, args)
         label = f"{args.method} {qconfig.name}" + (" gptq" if args.weights == "gptq" else "")
-    elif model.config.fptquant and "quantization" in model.config.fptquant and not args.float:
+    elif merged:
         folder = resolve_checkpoint(args.ckpt)
         label = f"fptquant {load_quantizers(model, folder).name}"
+        if args.weights == "gptq":
+            if args.kernels == "int":
+                raise UserError("--kernels int uses the RTN weights of the quantized export; drop --weights gptq")
+            apply_gptq(model, calib, args)
+            label += " gptq"
         if args.kernels == "int":
             label += f", {use_int_kernels(model, folder)} integer linears"
     if args.kernels == "int" and "integer" not in label:

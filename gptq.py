@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from fptquant import Quantizer, fake_quantize
+from fptquant import QuantizedModel, Quantizer, fake_quantize
 from model import rope_cos_sin
 
 log = logging.getLogger("fptquant")
@@ -129,9 +129,12 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, name: str) -> torch.Ten
 
 
 @torch.no_grad()
-def gptq_model(qmodel, batches: torch.Tensor, block_size: int = 128, damp: float = 0.01,
+def gptq_model(quantized, batches: torch.Tensor, block_size: int = 128, damp: float = 0.01,
                act_order: bool = False, progress: bool = True) -> dict:
-    """Replace the weight of every block linear of a merged ``QuantizedModel`` by its GPTQ weight.
+    """Replace the weight of every block linear of a merged model by its GPTQ weight.
+
+    ``quantized`` is a merged ``QuantizedModel``, or a Llama loaded from a merged checkpoint with
+    its quantizers attached (``load_quantizers``).
 
     ``batches`` (N, T) are calibration token ids, run one window at a time. The Hessian of a
     linear comes from its inputs in the quantized model: after the online Hadamard, S_n scaling
@@ -143,15 +146,15 @@ def gptq_model(qmodel, batches: torch.Tensor, block_size: int = 128, damp: float
     and ``export_quantized`` both see it unchanged. Re-running ``init_weight_ranges`` or training
     the weight scales afterwards would move the grid and undo that. Returns the settings used.
     """
-    if not qmodel.merged:
+    if isinstance(quantized, QuantizedModel) and not quantized.merged:
         raise ValueError("GPTQ runs on a merged model: call QuantizedModel.merge() before gptq_model()")
     if batches.ndim != 2 or batches.dtype != torch.long:
         raise ValueError(f"batches must be token ids of shape (N, T) and dtype int64, got shape "
                          f"{tuple(batches.shape)} and dtype {batches.dtype}")
-    model = qmodel.model
+    model = quantized.model if isinstance(quantized, QuantizedModel) else quantized
     if any(model.layers[0].get_submodule(name).weight_quantizer is None for group in LINEAR_GROUPS for name in group):
-        raise ValueError(f"GPTQ needs weight quantizers, but the configuration {qmodel.qconfig.name} keeps "
-                         "the weights in floating point. Use 2..8 weight bits, e.g. W4A8KV8")
+        raise ValueError("GPTQ needs weight quantizers, but this model keeps its weights in floating point. "
+                         "Use a configuration with 2..8 weight bits, e.g. W4A8KV8")
     settings = {"block_size": block_size, "damp": damp, "act_order": act_order,
                 "windows": batches.shape[0], "seqlen": batches.shape[1]}
     log.info("GPTQ on %d layers: %s", len(model.layers), settings)

@@ -399,14 +399,11 @@ def main(argv=None) -> dict:
         raise TrainingError(f"the merged model differs from the unmerged one by {difference:.2e} (relative); "
                             "this is a bug in a transform's merge")
 
+    evaluate(student, eval_texts, args.eval_seqlen, "fptquant", results)
     gptq_settings = None
     if args.weights == "gptq":
-        if args.compare:
-            evaluate(student, eval_texts, args.eval_seqlen, "fptquant", results)
         gptq_settings = apply_gptq(student, calib, args)
         evaluate(student, eval_texts, args.eval_seqlen, "fptquant gptq", results)
-    else:
-        evaluate(student, eval_texts, args.eval_seqlen, "fptquant", results)
     save_merged(student, args, out)
     write_json(out / "results.json", {"config": qconfig.name, "transforms": enabled_transforms(args),
                                       "weights": args.weights, "gptq": gptq_settings,

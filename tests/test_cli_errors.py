@@ -114,3 +114,8 @@ def test_seqlen_longer_than_context(good_folder, text_file):
 
 def test_missing_text(good_folder):
     assert_user_error(run_eval("--ckpt", good_folder, "--text", "no-such-text", "--seqlen", 16), "no-such-text", "wikitext2")
+
+
+def test_gptq_needs_a_quantized_model(good_folder, text_file):
+    assert_user_error(run_eval("--ckpt", good_folder, "--text", text_file, "--seqlen", 16, "--weights", "gptq"),
+                      "--weights gptq needs --config")

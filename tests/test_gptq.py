@@ -236,7 +236,7 @@ def test_gptq_model_rejects_unusable_models():
         gptq_model(unmerged, calibration_batches())
 
     float_weights = merged_model("rtn", "W16A8KV8")
-    with pytest.raises(ValueError, match="keeps the weights in floating point"):
+    with pytest.raises(ValueError, match="keeps its weights in floating point"):
         gptq_model(float_weights, calibration_batches())
 
     with pytest.raises(ValueError, match="shape \\(N, T\\) and dtype int64"):

@@ -138,3 +138,32 @@ def test_empty_calibration_text_rejected(tiny_ckpt, tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="fewer than"):
         train.main(flags(tiny_ckpt, tmp_path / "run", "--calib-text", str(empty)))
+
+
+def test_gptq_weights_after_training_and_in_eval(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import eval as evaluation
+
+    run = tmp_path / "run"
+    results = train.main(flags(tiny_ckpt, run, "--config", "W4A8KV8", "--weights", "gptq", "--compare"))
+    assert set(results) == {"float", "rtn", "rotation", "rotation gptq", "fptquant local", "fptquant",
+                            "fptquant gptq"}
+    assert results["fptquant gptq"] != results["fptquant"]
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["gptq"]["block_size"] == 128
+    assert saved["gptq"]["damp"] == 0.01
+
+    # merged/ holds the GPTQ weights.
+    model = load_model(str(run / "merged"))
+    load_quantizers(model, run / "merged")
+    ids = tokenize_text(load_tokenizer(str(run / "merged")), "wikitext2", 64)
+    assert perplexity(model, ids, 16)["ppl"] == pytest.approx(results["fptquant gptq"]["wikitext2"]["ppl"], rel=1e-5)
+
+    # eval.py runs GPTQ on a merged checkpoint trained with RTN weights.
+    rtn_run = tmp_path / "rtn"
+    rtn = train.main(flags(tiny_ckpt, rtn_run, "--config", "W4A8KV8"))
+    monkeypatch.setattr("sys.argv", ["eval.py", "--ckpt", str(rtn_run / "merged"), "--seqlen", "16", "--max-tokens",
+                                     "64", "--calib-tokens", "256", "--weights", "gptq", "--json"])
+    evaluation.main()
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["model"] == "fptquant W4A8KV8 gptq"
+    assert line["ppl"] != pytest.approx(rtn["fptquant"]["wikitext2"]["ppl"], rel=1e-6)
