@@ -167,3 +167,11 @@ def test_gptq_weights_after_training_and_in_eval(tiny_ckpt, tmp_path, monkeypatc
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["model"] == "fptquant W4A8KV8 gptq"
     assert line["ppl"] != pytest.approx(rtn["fptquant"]["wikitext2"]["ppl"], rel=1e-6)
+
+
+def test_preset_sets_defaults_and_flags_override_it():
+    quick = train.parse_args([])
+    assert (quick.weights, quick.seqlen, quick.e2e_steps) == ("rtn", 512, 30)
+    large = train.parse_args(["--preset", "large", "--e2e-steps", "7"])
+    assert (large.weights, large.seqlen, large.local_steps) == ("gptq", 2048, 200)
+    assert large.e2e_steps == 7
