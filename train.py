@@ -43,10 +43,9 @@ ABLATION_FLAGS = {"rotation": "--no-rotation", "tk": "--no-tk", "tv": "--no-tv",
                   "hadamard": "--no-hadamard", "sn": "--no-sn"}
 
 
-# --preset sets these defaults; flags given on the command line still win. "quick" keeps the
-# defaults of parse_args (about 25 minutes for SmolLM2-135M on two CPU cores). "large" is sized
-# for a 7B model on one GPU, after SpinQuant's 100 steps on 2048-token windows; it has not been
-# measured here.
+# Defaults that --preset sets. Flags given on the command line override them. "quick" keeps the
+# defaults of parse_args (about 25 minutes for SmolLM2-135M on two CPU cores, see BENCHMARKS.md).
+# NOTE: "large" is an estimate for a 7B model on one GPU and has not been run.
 PRESETS = {
     "quick": {},
     "large": {"seqlen": 2048, "calib_tokens": 131072, "local_steps": 200, "e2e_steps": 100, "e2e_batch": 4,
@@ -93,9 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, flag in ABLATION_FLAGS.items():
         parser.add_argument(flag, action="store_true", help=f"switch off the {name} transform")
     parser.add_argument("--preset", choices=PRESETS, default="quick",
-                        help="quick: the defaults shown here, RTN weights; large: 2048-token windows, 131072 "
-                             "calibration tokens, 200 local and 100 end-to-end steps of 4 windows, GPTQ weights "
-                             "(for a GPU); flags given explicitly override the preset")
+                        help="quick: the defaults shown here, with RTN weights. large (for a GPU): 2048-token windows, "
+                             "131072 calibration tokens, 200 local and 100 end-to-end steps of 4 windows, GPTQ "
+                             "weights. Flags given explicitly override the preset")
     parser.set_defaults(**PRESETS[parser.parse_known_args(argv)[0].preset])
     return parser.parse_args(argv)
 

@@ -140,7 +140,7 @@ def test_empty_calibration_text_rejected(tiny_ckpt, tmp_path):
         train.main(flags(tiny_ckpt, tmp_path / "run", "--calib-text", str(empty)))
 
 
-def test_gptq_weights_after_training_and_in_eval(tiny_ckpt, tmp_path, monkeypatch, capsys):
+def test_gptq_weights_in_train_and_eval(tiny_ckpt, tmp_path, monkeypatch, capsys):
     import eval as evaluation
 
     run = tmp_path / "run"
@@ -152,7 +152,7 @@ def test_gptq_weights_after_training_and_in_eval(tiny_ckpt, tmp_path, monkeypatc
     assert saved["gptq"]["block_size"] == 128
     assert saved["gptq"]["damp"] == 0.01
 
-    # merged/ holds the GPTQ weights.
+    # merged/ contains the GPTQ weights.
     model = load_model(str(run / "merged"))
     load_quantizers(model, run / "merged")
     ids = tokenize_text(load_tokenizer(str(run / "merged")), "wikitext2", 64)
@@ -169,7 +169,7 @@ def test_gptq_weights_after_training_and_in_eval(tiny_ckpt, tmp_path, monkeypatc
     assert line["ppl"] != pytest.approx(rtn["fptquant"]["wikitext2"]["ppl"], rel=1e-6)
 
 
-def test_preset_sets_defaults_and_flags_override_it():
+def test_preset_defaults_and_overrides():
     quick = train.parse_args([])
     assert (quick.weights, quick.seqlen, quick.e2e_steps) == ("rtn", 512, 30)
     large = train.parse_args(["--preset", "large", "--e2e-steps", "7"])
