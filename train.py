@@ -44,7 +44,7 @@ ABLATION_FLAGS = {"rotation": "--no-rotation", "tk": "--no-tk", "tv": "--no-tv",
 
 
 # Defaults that --preset sets. Flags given on the command line override them. "quick" keeps the
-# defaults of parse_args (about 25 minutes for SmolLM2-135M on two CPU cores, see BENCHMARKS.md).
+# defaults of parse_args (21 minutes for SmolLM2-135M on two CPU cores, see BENCHMARKS.md).
 # NOTE: "large" is an estimate for a 7B model on one GPU and has not been run.
 PRESETS = {
     "quick": {},
